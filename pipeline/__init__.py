@@ -1,0 +1,1 @@
+"""Orchestration of a factorial QAT study: phases, manifests, submission, collection."""
