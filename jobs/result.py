@@ -71,7 +71,11 @@ def write_result(
 
 def _attrs(group: h5py.Group, values: dict[str, Any]) -> None:
     for key, value in values.items():
-        group.attrs[key] = "" if value is None else value
+        if value is None:
+            value = ""
+        elif isinstance(value, str):
+            value = str(value)  # str subclasses (torch's TorchVersion) have no HDF5 type
+        group.attrs[key] = value
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -151,7 +151,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.workdir import Workdir
 
     phase = _load(args)
-    cluster = submit.resolve_cluster(args.cluster)
     for name in ("cells_per_task", "max_parallel"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -167,6 +166,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   f"lr_mult={cell.lr_mult:<4} size={cell.size:<6} seed={cell.seed} steps={cell.steps}")
         return 0
 
+    cluster = submit.resolve_cluster(args.cluster)
     manifest.write(workdir.manifest(phase.name), phase.cells)
     if not todo:
         print(f"phase {phase.name}: all {len(phase.cells)} cells are done; submitted 0 cells")

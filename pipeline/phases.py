@@ -179,6 +179,8 @@ def expand_spec(
                 if size_override is not None:
                     merged["size"] = size_override
                 cell = build_cell(name, block_name, merged)
+                if size_override is not None and cell.cell_id in owner:
+                    continue  # the override merges cells that differed only in size
                 if cell.cell_id in owner:
                     raise UsageError(
                         f"phase {name!r}: block {block_name!r} produces the same cell as block "

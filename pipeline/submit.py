@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from pipeline.workdir import Workdir
 log = logging.getLogger(__name__)
 
 CLUSTERS = ("auto", "slurm", "local", "debug")
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 
 
 @dataclass
@@ -45,10 +48,23 @@ def resolve_cluster(cluster: str) -> str:
     if cluster not in CLUSTERS:
         raise UsageError(f"invalid --cluster {cluster!r}; expected one of {', '.join(CLUSTERS)}")
     if cluster == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
+        if shutil.which("sbatch") and slurm_answers():
+            return "slurm"
+        if shutil.which("sbatch"):
+            log.warning("sbatch is on PATH but the SLURM controller does not answer; running locally")
+        return "local"
     if cluster == "slurm" and not shutil.which("sbatch"):
         raise UsageError("--cluster slurm needs `sbatch` on PATH; run on a SLURM login node or use --cluster local")
     return cluster
+
+
+def slurm_answers(timeout_s: float = 15.0) -> bool:
+    """Return whether a SLURM controller answers `sinfo` within `timeout_s`."""
+    try:
+        result = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
 
 
 def unfinished(workdir: Workdir, cells: list[Cell] | tuple[Cell, ...]) -> list[Cell]:
@@ -72,7 +88,10 @@ def make_executor(
         executor.update_parameters(**(slurm_parameters or {}))
         return executor
     if cluster == "local":
-        return submitit.AutoExecutor(folder=folder, cluster="local")
+        executor = submitit.AutoExecutor(folder=folder, cluster="local")
+        # submitit's local default is a few minutes, after which it sends USR2.
+        executor.update_parameters(timeout_min=LOCAL_TIMEOUT_MIN)
+        return executor
     return submitit.AutoExecutor(folder=folder, cluster="debug")
 
 
@@ -154,9 +173,17 @@ def wait(workdir: Workdir, submission: Submission, poll_s: float = 2.0) -> list[
     for job, task in zip(submission.jobs, submission.tasks):
         exception = job.exception()
         if exception is not None:
-            first_line = str(exception).strip().splitlines()[-1] if str(exception).strip() else repr(exception)
             errors.append(
-                f"job {job.job_id} (cells {', '.join(c.cell_id for c in task)}) failed: {first_line}; "
-                f"log: {job.paths.stderr}"
+                f"job {job.job_id} (cells {', '.join(c.cell_id for c in task)}) failed: "
+                f"{error_line(exception)}; log: {job.paths.stderr}"
             )
     return errors
+
+
+def error_line(exception: BaseException) -> str:
+    """Return the line naming the original error inside a submitit failure message."""
+    lines = [line.strip() for line in str(exception).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", line):
+            return line
+    return lines[0] if lines else repr(exception)
