@@ -1,0 +1,9 @@
+"""One module per CLI command; each has `register(subparsers)` and `run(args) -> int`.
+
+`COMMANDS` lists them in the order `--help` shows. A new command is a new
+module here plus one entry in that tuple.
+"""
+
+from pipeline.commands import analyze, collect, manifest, report, submit
+
+COMMANDS = (manifest, submit, collect, analyze, report)
