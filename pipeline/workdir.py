@@ -1,4 +1,4 @@
-"""Where a study's files live under its work directory.
+"""Layout of a study's files under its work directory.
 
     <workdir>/manifests/<phase>.csv        one row per cell
     <workdir>/results/<phase>/<cell_id>.h5 one result file per finished cell
