@@ -16,9 +16,15 @@ A cell's ``data`` field names one of three sources:
     SentencePiece tokenizer that gives the byte length of every token id.
     ``"shards:/abs/dir?tokenizer=/abs/file.model"`` names the tokenizer when
     it is not the only ``.model`` file in the shard directory.
+A data set name from ``DATASETS``, such as ``"fineweb10B_sp1024"``
+    Shards and tokenizer at fixed places under the directory that the
+    environment variable ``QAT_DATA_ROOT`` names, read when the data is
+    opened. The name contains no path, so manifests that use it are the same on
+    every machine.
 
 ``resolve_data`` validates a user's ``--data`` value on the login node with
-cheap checks. ``load_corpus`` opens the data on the compute node, building and
+cheap checks, and ``check_data`` validates a cell's ``data`` the same way
+before submission. ``load_corpus`` opens the data on the compute node, building and
 caching byte-level sources once per cache directory. ``get_batch`` draws
 training batches from the seed and step number alone, so a resumed run gets
 the same batches. ``val_batches`` and ``bits_per_byte`` serve evaluation.
@@ -86,6 +92,10 @@ SHARD_TOKEN_DTYPE = np.dtype("<u2")
 SHARD_SAMPLE_TOKENS = 32_768
 
 SPACE_MARKER = "\u2581"  # SentencePiece writes a space as U+2581
+
+# Environment variable naming the directory under which data sets are found,
+# on every machine that submits or runs cells. A cell stores only the name.
+DATA_ROOT_ENV = "QAT_DATA_ROOT"
 
 
 class DataError(ValueError):
@@ -173,6 +183,33 @@ class Corpus:
     description: str  # one line for logs: source, sizes, vocabulary
 
 
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A named pre-tokenised data set: shards and tokenizer at fixed places under the data root."""
+
+    name: str
+    shard_dir: str  # relative to the data root; contains *_train_*.bin and *_val_*.bin
+    tokenizer: str  # SentencePiece model, relative to the data root
+    vocab_size: int  # pieces of the tokenizer; a different count means the wrong file
+
+
+# The layout is that of the parameter-golf download script
+# (`cached_challenge_fineweb.py --variant sp1024` in openai/parameter-golf),
+# whose data/ folder is the data root: 1024-piece SentencePiece BPE shards of
+# FineWeb, 100M tokens per training shard, and the fixed validation split.
+DATASETS: dict[str, Dataset] = {
+    dataset.name: dataset
+    for dataset in (
+        Dataset(
+            name="fineweb10B_sp1024",
+            shard_dir="datasets/fineweb10B_sp1024",
+            tokenizer="tokenizers/fineweb_1024_bpe.model",
+            vocab_size=1024,
+        ),
+    )
+}
+
+
 # ---------------------------------------------------------------------------
 # Parsing and login-node validation
 # ---------------------------------------------------------------------------
@@ -181,11 +218,13 @@ class Corpus:
 def resolve_data(spec: str, tokenizer: str | os.PathLike | None = None) -> str:
     """Validate a user's data value and return the canonical cell ``data`` string.
 
-    Accepted values are ``"stdlib-docs"``, ``"txt:DIR"``, ``"shards:DIR"``
-    (optionally with ``?tokenizer=FILE``) and a bare directory, whose kind is
-    detected from its contents. Relative paths become absolute. The checks are
-    cheap: directory listings, shard headers, the tokenizer model and a few
-    thousand tokens per shard, never a full read.
+    Accepted values are ``"stdlib-docs"``, a data set name from ``DATASETS``,
+    ``"txt:DIR"``, ``"shards:DIR"`` (optionally with ``?tokenizer=FILE``) and a
+    bare directory, whose kind is detected from its contents. A data set name
+    wins over a directory of the same name (write ``./NAME`` for the
+    directory). Relative paths become absolute. The checks are cheap:
+    directory listings, shard headers, the tokenizer model and a few thousand
+    tokens per shard, never a full read.
 
     Parameters
     ----------
@@ -198,8 +237,8 @@ def resolve_data(spec: str, tokenizer: str | os.PathLike | None = None) -> str:
     Returns
     -------
     str
-        ``"stdlib-docs"``, ``"txt:/abs/dir"``, ``"shards:/abs/dir"`` or
-        ``"shards:/abs/dir?tokenizer=/abs/file.model"``.
+        ``"stdlib-docs"``, the data set name, ``"txt:/abs/dir"``,
+        ``"shards:/abs/dir"`` or ``"shards:/abs/dir?tokenizer=/abs/file.model"``.
 
     Raises
     ------
@@ -211,6 +250,14 @@ def resolve_data(spec: str, tokenizer: str | os.PathLike | None = None) -> str:
         if tokenizer is not None:
             raise DataError(f"a tokenizer ({tokenizer}) applies only to shards:DIR data, not to {spec!r}")
         return STDLIB_DOCS
+    if spec in DATASETS:
+        if tokenizer is not None:
+            raise DataError(
+                f"a tokenizer ({tokenizer}) applies only to shards:DIR data; data set {spec!r} "
+                "has its own tokenizer"
+            )
+        check_data(spec)
+        return spec
 
     if spec.startswith(TXT_PREFIX) or spec.startswith(SHARDS_PREFIX):
         kind, directory, spec_tokenizer = parse_data(spec)
@@ -234,11 +281,7 @@ def resolve_data(spec: str, tokenizer: str | os.PathLike | None = None) -> str:
         _list_txt_files(directory)
         return TXT_PREFIX + str(directory)
 
-    train_paths, val_paths = _list_shards(directory)
-    model_path = _find_tokenizer(directory, spec_tokenizer)
-    vocab_size = _load_tokenizer(model_path).get_piece_size()
-    for path in train_paths + val_paths:
-        _check_token_sample(path, _open_shard(path), vocab_size, model_path)
+    _, model_path = _check_shards(directory, spec_tokenizer)
     canonical = SHARDS_PREFIX + str(directory)
     if spec_tokenizer is not None:
         canonical += TOKENIZER_SEPARATOR + str(model_path)
@@ -250,10 +293,15 @@ def parse_data(data: str) -> tuple[str, Path | None, Path | None]:
 
     Kind is ``"stdlib-docs"``, ``"txt"`` or ``"shards"``. The directory is None
     for the embedded corpus and the tokenizer is None unless given explicitly.
-    Only the syntax is checked here, not the files.
+    A data set name is kind ``"shards"``, with both paths under the data root
+    (see ``locate_dataset``). Only the syntax and the data root are checked
+    here, not the files.
     """
     if data == STDLIB_DOCS:
         return STDLIB_DOCS, None, None
+    if data in DATASETS:
+        directory, tokenizer = locate_dataset(data)
+        return "shards", directory, tokenizer
     if data.startswith(TXT_PREFIX):
         rest = data[len(TXT_PREFIX):]
         if TOKENIZER_SEPARATOR in rest:
@@ -269,9 +317,141 @@ def parse_data(data: str) -> tuple[str, Path | None, Path | None]:
 
 def _usage(problem: str) -> str:
     return (
-        f"{problem}; expected {STDLIB_DOCS!r}, 'txt:DIR' (a directory of .txt files), "
+        f"{problem}; expected {STDLIB_DOCS!r}, a data set name ({', '.join(DATASETS)}), "
+        "'txt:DIR' (a directory of .txt files), "
         "'shards:DIR' (a directory of *_train_*.bin and *_val_*.bin shards) or a directory path"
     )
+
+
+def data_root(name: str) -> Path:
+    """Return the absolute data root that ``QAT_DATA_ROOT`` names; errors name the data set ``name``.
+
+    Raises
+    ------
+    DataError
+        When the variable is unset, empty or not a directory.
+    """
+    dataset = DATASETS[name]
+    value = os.environ.get(DATA_ROOT_ENV, "").strip()
+    layout = f"{dataset.shard_dir}/ and {dataset.tokenizer}"
+    if not value:
+        raise DataError(
+            f"data set {name!r} is read from the directory that {DATA_ROOT_ENV} names, but "
+            f"{DATA_ROOT_ENV} is not set; set it to the directory that contains {layout} "
+            "(the data/ folder of a parameter-golf download), or pass --data"
+        )
+    root = _absolute(value)
+    if not root.is_dir():
+        raise DataError(
+            f"{DATA_ROOT_ENV}={value} is not a directory; set it to the directory that contains {layout}"
+        )
+    return root
+
+
+def locate_dataset(name: str) -> tuple[Path, Path]:
+    """Return (shard directory, tokenizer model) of a named data set under the data root.
+
+    Raises
+    ------
+    DataError
+        When ``name`` is not in ``DATASETS`` or the data root is not set (see ``data_root``).
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; known data sets: {', '.join(DATASETS)}")
+    root = data_root(name)
+    dataset = DATASETS[name]
+    return root / dataset.shard_dir, root / dataset.tokenizer
+
+
+def check_data(data: str, vocab_size: int | None = None) -> None:
+    """Check a cell's ``data`` cheaply before submission, so a bad source fails on the login node.
+
+    Runs the checks of ``resolve_data``: directory listings, shard headers and
+    sizes, the tokenizer model and three blocks of tokens per shard. For a
+    data set name it also checks that the data root contains the shard directory
+    and the tokenizer and that the tokenizer has the data set's vocabulary.
+
+    Parameters
+    ----------
+    data
+        A cell's ``data`` string.
+    vocab_size
+        The cells' ``vocab_size``. When given, data whose token ids need a
+        larger vocabulary is rejected here instead of on the compute node.
+
+    Raises
+    ------
+    DataError
+        With one line naming the missing or malformed file and the fix.
+    """
+    if data in DATASETS:
+        data_vocab = _check_dataset(data)
+    else:
+        kind, directory, tokenizer = parse_data(data)
+        if kind == STDLIB_DOCS:
+            data_vocab = BYTE_VOCAB_SIZE
+        elif kind == "txt":
+            _list_txt_files(directory)
+            data_vocab = BYTE_VOCAB_SIZE
+        else:
+            data_vocab, _ = _check_shards(directory, tokenizer)
+    if vocab_size is not None and data_vocab > vocab_size:
+        raise DataError(
+            f"data {data!r} has a vocabulary of {data_vocab} tokens but the cells' vocab_size is "
+            f"{vocab_size}; set vocab_size to at least {data_vocab} in the phase spec"
+        )
+
+
+def data_vocab_size(data: str) -> int:
+    """Return the vocabulary that a cell's ``data`` needs.
+
+    256 for byte-level data and the registered size for a data set name,
+    neither of which touches a file. For ``shards:`` data the tokenizer model
+    is loaded.
+
+    Raises
+    ------
+    DataError
+        When the data string is invalid or the shards' tokenizer is missing or invalid.
+    """
+    if data in DATASETS:
+        return DATASETS[data].vocab_size
+    kind, directory, tokenizer = parse_data(data)
+    if kind != "shards":
+        return BYTE_VOCAB_SIZE
+    _require_directory(directory)
+    return _load_tokenizer(_find_tokenizer(directory, tokenizer)).get_piece_size()
+
+
+def _check_dataset(name: str) -> int:
+    dataset = DATASETS[name]
+    root = data_root(name)
+    directory, model_path = root / dataset.shard_dir, root / dataset.tokenizer
+    if not directory.is_dir():
+        raise DataError(
+            f"shard directory {directory} of data set {name!r} not found; {DATA_ROOT_ENV}={root} "
+            f"must contain {dataset.shard_dir}/ (download it or point {DATA_ROOT_ENV} elsewhere)"
+        )
+    if not model_path.is_file():
+        raise DataError(
+            f"tokenizer {model_path} of data set {name!r} not found; {DATA_ROOT_ENV}={root} "
+            f"must contain {dataset.tokenizer}"
+        )
+    # The tokenizer first, so a wrong tokenizer is named as such and not
+    # reported as shards with out-of-range token ids.
+    vocab_size = _load_tokenizer(model_path).get_piece_size()
+    _check_dataset_vocab(name, model_path, vocab_size)
+    _check_shards(directory, model_path)
+    return vocab_size
+
+
+def _check_dataset_vocab(name: str, model_path: Path, vocab_size: int) -> None:
+    expected = DATASETS[name].vocab_size
+    if vocab_size != expected:
+        raise DataError(
+            f"tokenizer {model_path} has {vocab_size} pieces, but data set {name!r} has a vocabulary "
+            f"of {expected}; replace it with the tokenizer that made the shards"
+        )
 
 
 def _nonempty_path(text: str, data: str) -> str:
@@ -338,7 +518,10 @@ def load_corpus(data: str, cache_dir: str | os.PathLike) -> Corpus:
     """
     kind, directory, tokenizer = parse_data(data)
     if kind == "shards":
-        return _load_shards(directory, tokenizer)
+        corpus = _load_shards(directory, tokenizer)
+        if data in DATASETS:
+            _check_dataset_vocab(data, tokenizer, corpus.vocab_size)
+        return corpus
 
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -885,6 +1068,16 @@ def read_shard_header(path: str | os.PathLike) -> int:
             f"but the file has {size}; copy or regenerate the shard"
         )
     return count
+
+
+def _check_shards(directory: Path, tokenizer: Path | None) -> tuple[int, Path]:
+    """Check a shard directory cheaply; return the tokenizer's vocabulary size and path."""
+    train_paths, val_paths = _list_shards(directory)
+    model_path = _find_tokenizer(directory, tokenizer)
+    vocab_size = _load_tokenizer(model_path).get_piece_size()
+    for path in train_paths + val_paths:
+        _check_token_sample(path, _open_shard(path), vocab_size, model_path)
+    return vocab_size, model_path
 
 
 def _open_shard(path: Path) -> np.memmap:

@@ -52,7 +52,7 @@ class Cell:
     eval_every: int  # steps between validation evaluations
     val_tokens: int  # validation tokens per evaluation
     probe_every: int  # steps between grid-distance probes; 0 = only at warmdown start
-    data: str  # "stdlib-docs", "txt:/abs/dir" or "shards:/abs/dir"
+    data: str  # "stdlib-docs", a data set name ("fineweb10B_sp1024"), "txt:/abs/dir" or "shards:/abs/dir"
     cell_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:

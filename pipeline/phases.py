@@ -1,11 +1,16 @@
 """Phases as data: a TOML spec is a union of named blocks, each a grid of factors.
 
 A phase file has a `[settings]` table shared by every block and one or more
-`[[block]]` entries. Each block has a `name`, optional `settings` that
+`[[block]]` entries. `settings_from = "NAME"` at the top starts the settings
+from those of the packaged phase NAME, so phases that share a setup state it
+once. Each block has a `name`, optional `settings` that
 override the phase's, and `factors`: a table mapping factor names to level
 lists (their cartesian product), or an array of such tables whose grids are
-joined. Derived fields (model dimensions, parameter count, steps) are computed
-here, in one place, so every cell spells them out in the manifest.
+joined. A numeric setting may also be a table keyed by size label, with an
+optional "default" entry, for values that depend on the model size (the batch
+size, say). Derived fields (model dimensions, parameter count, steps, the
+evaluation and probe intervals) are computed here, in one place, so every cell
+spells them out in the manifest.
 """
 
 from __future__ import annotations
@@ -43,8 +48,26 @@ SETTINGS = FACTORS + (
     "weight_decay",
     "evals",  # validation evaluations per run
     "val_tokens",
-    "probe_every",
+    "probe_every",  # steps between probes; 0 probes only at the warmdown start
+    "probes",  # probes per run instead of probe_every; 0 probes only at the warmdown start
 )
+
+# Settings that may be a table keyed by size label (plus an optional default).
+SIZE_TABLE_SETTINGS = (
+    "seq_len",
+    "batch_size",
+    "steps",
+    "tokens_per_param",
+    "warmup_fraction",
+    "matrix_lr",
+    "adam_lr",
+    "weight_decay",
+    "evals",
+    "val_tokens",
+    "probe_every",
+    "probes",
+)
+DEFAULT_KEY = "default"
 
 DEFAULTS: dict[str, Any] = {
     "shape": "linear",
@@ -56,11 +79,12 @@ DEFAULTS: dict[str, Any] = {
     "warmup_fraction": 0.02,
     "weight_decay": 0.0,
     "evals": 8,
-    "probe_every": 0,
 }
 
-# Byte-level sources tokenise to single bytes.
-BYTE_VOCAB = 256
+# Two ways to set the probe interval; a table that sets one replaces the other.
+PROBE_SETTINGS = ("probe_every", "probes")
+
+TOP_LEVEL_KEYS = ("description", "settings_from", "settings", "block")
 
 
 @dataclass(frozen=True)
@@ -104,10 +128,15 @@ def load_phase(
         Path to a user's TOML spec; the phase is named after the file stem.
     data
         Canonical data string (see jobs.data.resolve_data) replacing the
-        spec's data source in every cell.
+        spec's data source in every cell. The vocabulary follows the new
+        data: 256 for byte-level text, the tokenizer's size for shards, so a
+        spec written for a 1024-token data set trains on the embedded corpus
+        with a 256-row embedding.
     size_override
         Size label replacing every cell's size, for trying a phase's blocks
-        at a size the machine can train.
+        at a size the machine can train. Size tables in the spec must have an
+        entry (or a default) for it. Cells that then differ only in size are
+        kept once, under the first block that produces them.
     """
     if phase_file is not None:
         path = Path(phase_file)
@@ -119,11 +148,15 @@ def load_phase(
         name = phase
     else:
         raise UsageError("no phase given; pass --phase NAME or --phase-file PATH")
+    spec = _read_spec(path)
+    return expand_spec(name, spec, data=data, size_override=size_override)
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
     try:
-        spec = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"phase file {str(path)!r} is not valid TOML: {err}") from None
-    return expand_spec(name, spec, data=data, size_override=size_override)
 
 
 def expand_spec(
@@ -135,14 +168,16 @@ def expand_spec(
     """Validate a parsed spec and return its cells, in block then grid order."""
     from jobs.model import SIZES
 
-    unknown_top = set(spec) - {"description", "settings", "block"}
+    unknown_top = set(spec) - set(TOP_LEVEL_KEYS)
     if unknown_top:
         raise UsageError(
             f"phase {name!r}: unknown top-level key(s) {sorted(unknown_top)}; "
-            "allowed: description, settings, block"
+            f"allowed: {', '.join(TOP_LEVEL_KEYS)}"
         )
     base = dict(DEFAULTS)
-    base.update(_checked_settings(name, "settings", spec.get("settings", {})))
+    if "settings_from" in spec:
+        _merge_settings(base, _inherited_settings(name, spec["settings_from"]))
+    _merge_settings(base, _checked_settings(name, "settings", spec.get("settings", {})))
     blocks = spec.get("block", [])
     if not blocks:
         raise UsageError(f"phase {name!r} has no [[block]] entries; add at least one")
@@ -150,6 +185,9 @@ def expand_spec(
         raise UsageError(
             f"invalid --size-override {size_override!r}; allowed sizes: {', '.join(SIZES)}"
         )
+    override_vocab = None
+    if data is not None:
+        override_vocab = _data_vocab(name, "--data", data)
 
     cells: list[Cell] = []
     owner: dict[str, str] = {}
@@ -165,7 +203,7 @@ def expand_spec(
                 "allowed: name, settings, factors"
             )
         settings = dict(base)
-        settings.update(_checked_settings(name, block_name, block.get("settings", {})))
+        _merge_settings(settings, _checked_settings(name, block_name, block.get("settings", {})))
         grids = block.get("factors", {})
         grids = grids if isinstance(grids, list) else [grids]
         if block_name not in block_names:
@@ -176,6 +214,7 @@ def expand_spec(
                 merged.update(values)
                 if data is not None:
                     merged["data"] = data
+                    merged["vocab_size"] = override_vocab
                 if size_override is not None:
                     merged["size"] = size_override
                 cell = build_cell(name, block_name, merged)
@@ -192,14 +231,81 @@ def expand_spec(
     return Phase(name=name, description=description, cells=tuple(cells), blocks=tuple(block_names))
 
 
+def _inherited_settings(phase: str, parent: Any) -> dict[str, Any]:
+    """Return the checked [settings] of the packaged phase that `settings_from` names."""
+    if not isinstance(parent, str) or not (SPEC_DIR / f"{parent}.toml").is_file():
+        raise UsageError(
+            f"phase {phase!r}: settings_from {parent!r} is not a packaged phase; "
+            f"available phases: {', '.join(available_phases())}"
+        )
+    spec = _read_spec(spec_path(parent))
+    if "settings_from" in spec:
+        raise UsageError(
+            f"phase {phase!r}: settings_from {parent!r} names a phase that has settings_from itself; "
+            "name the phase at the start of the chain"
+        )
+    return _checked_settings(parent, "settings", spec.get("settings", {}))
+
+
+def _merge_settings(settings: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Apply `overrides` to `settings` in place; setting one probe interval drops the other."""
+    if any(key in overrides for key in PROBE_SETTINGS):
+        for key in PROBE_SETTINGS:
+            settings.pop(key, None)
+    settings.update(overrides)
+
+
 def _checked_settings(phase: str, where: str, settings: dict[str, Any]) -> dict[str, Any]:
+    from jobs.model import SIZES
+
     unknown = set(settings) - set(SETTINGS)
     if unknown:
         raise UsageError(
             f"phase {phase!r}, {where}: unknown setting(s) {sorted(unknown)}; "
             f"allowed: {', '.join(SETTINGS)}"
         )
+    if all(key in settings for key in PROBE_SETTINGS):
+        raise UsageError(
+            f"phase {phase!r}, {where}: both probe_every and probes are set; keep one "
+            "(probes sets the interval from the run length)"
+        )
+    for key, value in settings.items():
+        if not isinstance(value, dict):
+            continue
+        if key not in SIZE_TABLE_SETTINGS:
+            raise UsageError(
+                f"phase {phase!r}, {where}: setting {key!r} is a table, but only "
+                f"{', '.join(SIZE_TABLE_SETTINGS)} may be given per size; give one value"
+            )
+        for size, level in value.items():
+            if size != DEFAULT_KEY and size not in SIZES:
+                raise UsageError(
+                    f"phase {phase!r}, {where}: invalid size {size!r} in the table of {key!r}; "
+                    f"allowed: {', '.join(SIZES)} and {DEFAULT_KEY!r}"
+                )
+            if isinstance(level, bool) or not isinstance(level, (int, float)):
+                raise UsageError(
+                    f"phase {phase!r}, {where}: {key!r} for size {size!r} is {level!r}; expected a number"
+                )
     return dict(settings)
+
+
+def _for_size(phase: str, block: str, values: dict[str, Any], size: str) -> dict[str, Any]:
+    """Return the settings with every size table replaced by its value for `size`."""
+    resolved = dict(values)
+    for key, value in values.items():
+        if not isinstance(value, dict):
+            continue
+        if size in value:
+            resolved[key] = value[size]
+        elif DEFAULT_KEY in value:
+            resolved[key] = value[DEFAULT_KEY]
+        else:
+            raise UsageError(
+                f"phase {phase!r}, block {block!r}: setting {key!r} has no value for size {size!r}; "
+                f'add "{size}" = ... or {DEFAULT_KEY} = ... to its table'
+            )
+    return resolved
 
 
 def _grid(phase: str, block: str, factors: dict[str, Any], sizes: dict) -> list[dict[str, Any]]:
@@ -250,17 +356,20 @@ def build_cell(phase: str, block: str, values: dict[str, Any]) -> Cell:
     The length rule: base steps = tokens_per_param x parameters / tokens per
     step, rounded to whole steps (unless `steps` fixes them), then multiplied
     by steps_mult. The warmup is a fraction of the base steps and the
-    warmdown a fraction of the total.
+    warmdown a fraction of the total. Evaluations and probes are spread over
+    the total: eval_every = steps // evals, and probe_every = steps // probes
+    when `probes` is set.
     """
     from jobs.model import SIZES, count_params
 
+    size = values["size"]
+    values = _for_size(phase, block, values, size)
     for key in ("seq_len", "batch_size", "matrix_lr", "adam_lr", "val_tokens"):
         if key not in values:
             raise UsageError(f"phase {phase!r}, block {block!r}: missing setting {key!r}")
-    size = values["size"]
     n_layer, n_embd, n_head = SIZES[size]
     data = str(values["data"])
-    vocab_size = int(values.get("vocab_size") or _vocab_for(phase, block, data))
+    vocab_size = _vocab_size(phase, block, data, values.get("vocab_size"))
     n_params = count_params(n_layer, n_embd, vocab_size)
     tokens_per_step = int(values["batch_size"]) * int(values["seq_len"])
     if "steps" in values:
@@ -272,6 +381,14 @@ def build_cell(phase: str, block: str, values: dict[str, Any]) -> Cell:
     steps_mult = int(values["steps_mult"])
     steps = base_steps * steps_mult
     warmup_steps = max(1, math.ceil(float(values["warmup_fraction"]) * base_steps))
+    probe_every = int(values.get("probe_every", 0))
+    if "probes" in values:
+        probes = int(values["probes"])
+        if probes < 0:
+            raise UsageError(
+                f"phase {phase!r}, block {block!r}: invalid probes {probes}; expected 0 or more"
+            )
+        probe_every = max(1, steps // probes) if probes > 0 else 0
     try:
         return Cell(
             phase=phase,
@@ -299,20 +416,42 @@ def build_cell(phase: str, block: str, values: dict[str, Any]) -> Cell:
             weight_decay=float(values["weight_decay"]),
             eval_every=max(1, steps // int(values["evals"])),
             val_tokens=int(values["val_tokens"]),
-            probe_every=int(values["probe_every"]),
+            probe_every=probe_every,
             data=data,
         )
     except (KeyError, ValueError) as err:
         raise UsageError(f"phase {phase!r}, block {block!r}: {err}") from None
 
 
-def _vocab_for(phase: str, block: str, data: str) -> int:
-    if data == "stdlib-docs" or data.startswith("txt:"):
-        return BYTE_VOCAB
-    raise UsageError(
-        f"phase {phase!r}, block {block!r}: data {data!r} is not byte-level, so the spec must "
-        "set vocab_size (the tokenizer's vocabulary)"
-    )
+def _vocab_size(phase: str, block: str, data: str, given: Any) -> int:
+    """Return the spec's vocab_size, checked against the data, or the data's own vocabulary.
+
+    The check needs no file for byte-level data and data set names, so it
+    runs for them only. Shards given by path are checked by
+    jobs.data.check_data and again when a cell opens them.
+    """
+    from jobs.data import SHARDS_PREFIX
+
+    if given is None:
+        return _data_vocab(phase, f"block {block!r}", data)
+    vocab_size = int(given)
+    if not data.startswith(SHARDS_PREFIX):
+        needed = _data_vocab(phase, f"block {block!r}", data)
+        if vocab_size < needed:
+            raise UsageError(
+                f"phase {phase!r}, block {block!r}: vocab_size {vocab_size} is smaller than the "
+                f"{needed} tokens of data {data!r}; set vocab_size to at least {needed}"
+            )
+    return vocab_size
+
+
+def _data_vocab(phase: str, where: str, data: str) -> int:
+    from jobs.data import DataError, data_vocab_size
+
+    try:
+        return data_vocab_size(data)
+    except DataError as err:
+        raise UsageError(f"phase {phase!r}, {where}: {err}") from None
 
 
 def _describe(values: dict[str, Any]) -> str:

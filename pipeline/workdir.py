@@ -66,6 +66,12 @@ class Workdir:
         return self.root / ".cache"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write `payload` to `path` through a temporary sibling and a rename.
 
@@ -79,6 +85,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates mode 0600; give the file the mode a plain open() would,
+        # so group members of a shared work directory can read it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -59,3 +59,15 @@ def test_edited_row_detected(tmp_path):
 def test_missing_manifest_says_what_to_run(tmp_path):
     with pytest.raises(UsageError, match="manifest --phase"):
         manifest.read(tmp_path / "none.csv")
+
+
+def test_manifest_mode_follows_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.csv"
+        manifest.write(path, load_phase("micro").cells)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

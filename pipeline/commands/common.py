@@ -34,8 +34,9 @@ def add_cell_options(parser: argparse.ArgumentParser) -> None:
     """Add the options that change which cells a phase has."""
     parser.add_argument(
         "--data", metavar="DIR",
-        help="training data: a directory of .txt files or of FineWeb .bin shards "
-        "(default: the phase's source, usually the embedded stdlib-docs corpus)",
+        help="training data for every cell: a directory of .txt files or FineWeb .bin shards, "
+        "stdlib-docs, or a data set name such as fineweb10B_sp1024 (read under $QAT_DATA_ROOT); "
+        "byte-level text sets the vocabulary to 256 (default: the phase's own data)",
     )
     parser.add_argument(
         "--size-override", metavar="SIZE",
