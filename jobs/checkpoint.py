@@ -32,6 +32,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         raise
 
 
+def remove_stale_temporaries(path: Path) -> int:
+    """Delete temporary files that a killed `save_checkpoint` left next to `path`.
+
+    Call it only while no other process saves this checkpoint (at the start of
+    the cell's run). Returns how many files it removed.
+    """
+    removed = 0
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d unfinished checkpoint file(s) next to %s", removed, path)
+    return removed
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
     """Return the checkpoint at `path`, or None when there is none or it cannot be read.
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import provenance
+from jobs.checkpoint import remove_stale_temporaries
 from jobs.energy import EnergyMeter
 from jobs.result import write_result
 from jobs.train import Trainer, set_threads
@@ -57,11 +58,15 @@ class CellTask:
     def run_cell(self, cell: Cell) -> str:
         workdir = Workdir(Path(self.options.workdir))
         result_path = workdir.result(cell.phase, cell.cell_id)
+        checkpoint_path = workdir.checkpoints(cell.phase) / f"{cell.cell_id}.pt"
         if result_path.exists():
             log.info("cell %s already has a result; skipping", cell.cell_id)
+            # A USR2 that arrived after the result was written left a checkpoint.
+            if not self.options.keep_checkpoint:
+                checkpoint_path.unlink(missing_ok=True)
             return "skipped"
-        checkpoint_path = workdir.checkpoints(cell.phase) / f"{cell.cell_id}.pt"
         log.info("cell %s: %s", cell.cell_id, cell.to_row())
+        remove_stale_temporaries(checkpoint_path)
 
         trainer = Trainer(cell, cache_dir=workdir.cache())
         trainer.resume(checkpoint_path)
@@ -89,9 +94,10 @@ class CellTask:
         if not self.options.keep_checkpoint:
             checkpoint_path.unlink(missing_ok=True)
         log.info(
-            "cell %s %s | val_bpb %.4f | %d steps | %.1fs | %.0f tok/s",
+            "cell %s %s | val_bpb %.4f | %d steps | %.1fs | %.0f tok/s | %d requeue(s), %d resume(s)",
             cell.cell_id, result.status, result.metrics["val_bpb"], result.metrics["steps_done"],
             result.metrics["wall_s"], result.metrics["tokens_per_s"],
+            result.metrics["requeues"], result.metrics["resumes"],
         )
         return result.status
 

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from pipeline.cell import Cell
 log = logging.getLogger(__name__)
 
 PTQ_BITS = (8, 6, 4)
+
+# Version of the checkpoint layout; a checkpoint of another version is not resumed.
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -75,22 +79,70 @@ def set_threads() -> None:
         torch.set_num_threads(max(1, int(cpus)))
 
 
-@contextmanager
-def signals_deferred(signum: int = signal.SIGUSR2) -> Iterator[None]:
-    """Hold `signum` pending while the block runs, then let it through.
+class _SignalDeferral:
+    """Hold a signal's Python handler while critical sections run, then call it once.
 
     SLURM sends USR2 before a time limit or on preemption, and submitit's handler
-    saves a checkpoint and requeues. Blocking the signal during an optimiser step
-    makes the handler run between steps, where model and optimiser agree.
+    saves a checkpoint and requeues. The handler must not run halfway through an
+    optimiser step or a curve update, where model, optimisers and curves
+    disagree. Masking the signal with pthread_sigmask is not enough: the kernel
+    then delivers it to another thread (codecarbon's, for example) and Python
+    still runs the handler in the main thread at the next bytecode. So the
+    deferral swaps in a handler that only records the signal, and on leaving
+    the outermost section it restores the previous handler and calls it.
     """
-    if os.name != "posix":
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.depth = 0
+        self.pending = 0
+        self.previous: Any = None
+
+    def _hold(self, signum: int, frame: Any) -> None:
+        self.pending += 1
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        # signal.signal works only in the main thread; elsewhere nothing can be deferred.
+        if self.depth == 0 and threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        if self.depth == 0:
+            self.previous = signal.signal(self.signum, self._hold)
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0:
+                self._release()
+
+    def _release(self) -> None:
+        previous = self.previous
+        signal.signal(self.signum, previous if previous is not None else signal.SIG_DFL)
+        if not self.pending:
+            return
+        self.pending = 0
+        log.info("handling signal %s, held until the step ended", signal.Signals(self.signum).name)
+        if callable(previous):
+            previous(self.signum, None)
+        elif previous == signal.SIG_DFL:
+            # The default action (terminate for USR2) takes effect now.
+            os.kill(os.getpid(), self.signum)
+
+
+_DEFERRALS: dict[int, _SignalDeferral] = {}
+
+
+def signals_deferred(signum: int = signal.SIGUSR2) -> Any:
+    """Return a context manager that holds `signum`'s handler until the block ends.
+
+    Nested blocks defer to the outermost one. A signal that arrives inside runs
+    its handler (submitit's checkpoint-and-requeue) once, right after the block.
+    """
+    if signum not in _DEFERRALS:
+        _DEFERRALS[signum] = _SignalDeferral(signum)
+    return _DEFERRALS[signum]()
 
 
 class Trainer:
@@ -137,10 +189,14 @@ class Trainer:
 
         self.step = 0
         self.curves = Curves()
-        self.requeues = 0
+        self.requeues = 0  # USR2 (time limit or preemption) checkpoints that requeued the task
+        self.resumes = 0  # starts from a checkpoint: requeues, resubmissions, restarts after a crash
         self.elapsed_s = 0.0  # training wall time over all attempts
         self.energy_state: dict[str, Any] = {}
         self._losses: torch.Tensor | None = None
+        # The trained weights while the final evaluations swap in quantised
+        # ones, so a checkpoint taken then saves the trained weights.
+        self._trained: dict[str, torch.Tensor] | None = None
         # Returns the energy totals so far (earlier attempts included) for a checkpoint.
         self.energy_hook: Callable[[], dict[str, Any]] | None = None
         self.warmdown_step = warmdown_start(cell.steps, cell.warmdown)
@@ -148,14 +204,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Return the full training state: model, optimisers, step, RNG, curves, energy."""
+        """Return the full training state.
+
+        That is the cell, model, optimisers, step, curves, requeue and resume
+        counts, training time, energy totals so far and every RNG state. The
+        step is also the data position, because the batch of a step is drawn
+        from (seed, step) alone.
+        """
+        model = self._trained if self._trained is not None else self.model.state_dict()
         return {
+            "format": CHECKPOINT_FORMAT,
             "cell": self.cell.to_row(),
+            "data_fingerprint": self.corpus.fingerprint,
             "step": self.step,
-            "model": self.model.state_dict(),
+            "model": model,
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "curves": self._synced_curves(),
             "requeues": self.requeues,
+            "resumes": self.resumes,
             "elapsed_s": self.elapsed_s,
             "energy": self.energy_hook() if self.energy_hook else self.energy_state,
             "rng": capture_rng(),
@@ -169,9 +235,21 @@ class Trainer:
         return self.curves.state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state from `state_dict`; raise ValueError if it belongs to another run."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}; "
+                "delete the checkpoint to train the cell from step 0"
+            )
         if state["cell"]["cell_id"] != self.cell.cell_id:
             raise ValueError(
                 f"checkpoint belongs to cell {state['cell']['cell_id']}, not {self.cell.cell_id}"
+            )
+        if state["data_fingerprint"] != self.corpus.fingerprint:
+            raise ValueError(
+                f"checkpoint of cell {self.cell.cell_id} was trained on data {state['data_fingerprint']}, "
+                f"but {self.cell.data!r} now has fingerprint {self.corpus.fingerprint}; restore the "
+                "original data or delete the checkpoint to train the cell from step 0"
             )
         self.model.load_state_dict(state["model"])
         for opt, opt_state in zip(self.optimizers, state["optimizers"]):
@@ -179,20 +257,35 @@ class Trainer:
         self.step = int(state["step"])
         self.curves = Curves(**state["curves"])
         self.requeues = int(state["requeues"])
+        self.resumes = int(state["resumes"])
         self.elapsed_s = float(state["elapsed_s"])
         self.energy_state = dict(state["energy"])
         restore_rng(state["rng"])
 
     def save(self, path: Path) -> None:
-        save_checkpoint(path, self.state_dict())
+        """Write the state to `path` atomically; USR2 waits until the file is whole."""
+        with signals_deferred():
+            started = time.perf_counter()
+            save_checkpoint(path, self.state_dict())
+        log.info("cell %s: checkpoint at step %d in %.2fs", self.cell.cell_id, self.step, time.perf_counter() - started)
 
     def resume(self, path: Path) -> bool:
-        """Load the checkpoint at `path` if there is one; return whether it did."""
+        """Load the checkpoint at `path` if there is one; return whether it did.
+
+        On CPU, a resumed run ends bit-identical to an uninterrupted one
+        (tests/test_checkpoint.py). NOTE: CUDA kernels are not bitwise
+        deterministic, so on a GPU the target is a final val_bpb within 1e-3;
+        no test has checked that on a GPU yet.
+        """
         state = load_checkpoint(path, map_location=self.device)
         if state is None:
             return False
         self.load_state_dict(state)
-        log.info("cell %s: resumed from step %d of %d", self.cell.cell_id, self.step, self.cell.steps)
+        self.resumes += 1
+        log.info(
+            "cell %s: resumed from step %d of %d (resume %d, %d requeue(s) so far)",
+            self.cell.cell_id, self.step, self.cell.steps, self.resumes, self.requeues,
+        )
         return True
 
     # ------------------------------------------------------------------ evaluation
@@ -217,10 +310,12 @@ class Trainer:
 
     def probe(self) -> None:
         distances = probe_model(self.model)
-        self.curves.probe_step.append(self.step)
-        self.curves.probe_int4.append(distances["int4"])
-        self.curves.probe_int6.append(distances["int6"])
-        self.curves.probe_int8.append(distances["int8"])
+        # The four lists grow together, so a checkpoint never stores them uneven.
+        with signals_deferred():
+            self.curves.probe_step.append(self.step)
+            self.curves.probe_int4.append(distances["int4"])
+            self.curves.probe_int6.append(distances["int6"])
+            self.curves.probe_int8.append(distances["int8"])
 
     # ------------------------------------------------------------------ the loop
     def run(
@@ -270,15 +365,25 @@ class Trainer:
                 self.elapsed_s += time.perf_counter() - started
 
             # ---- logging, divergence check and checkpoints at intervals only,
-            # so the host does not wait for the device on every step
-            if self.step % log_every == 0 or self.step == cell.steps:
-                recent = losses[window_step : self.step].cpu()
-                self.curves.train_loss = losses[: self.step].cpu().tolist()
-                if not torch.isfinite(recent).all():
-                    bad = int(torch.nonzero(~torch.isfinite(recent))[0]) + window_step
-                    status, diverged_step = "diverged", bad
-                    log.warning("cell %s diverged at step %d (loss %s)", cell.cell_id, bad, recent[bad - window_step].item())
-                    break
+            # so the host does not wait for the device on every step. The
+            # divergence check runs before every checkpoint, so no checkpoint
+            # contains a non-finite loss.
+            log_due = self.step % log_every == 0 or self.step == cell.steps
+            save_due = (
+                checkpoint_path is not None
+                and self.step < cell.steps
+                and time.monotonic() - last_save >= checkpoint_every_s
+            )
+            if not (log_due or save_due):
+                continue
+            recent = losses[window_step : self.step].cpu()
+            self.curves.train_loss = losses[: self.step].cpu().tolist()
+            if not torch.isfinite(recent).all():
+                bad = int(torch.nonzero(~torch.isfinite(recent))[0]) + window_step
+                status, diverged_step = "diverged", bad
+                log.warning("cell %s diverged at step %d (loss %s)", cell.cell_id, bad, recent[bad - window_step].item())
+                break
+            if log_due:
                 seconds = time.perf_counter() - window_start
                 steps_done = self.step - window_step
                 tokens_per_s = steps_done * cell.tokens_per_step / max(seconds, 1e-9)
@@ -289,16 +394,20 @@ class Trainer:
                     flops * steps_done / max(seconds, 1e-9) / 1e9, eta,
                 )
                 window_start, window_step = time.perf_counter(), self.step
-                if checkpoint_path is not None and time.monotonic() - last_save >= checkpoint_every_s and self.step < cell.steps:
-                    self.save(checkpoint_path)
-                    last_save = time.monotonic()
+            if save_due:
+                self.save(checkpoint_path)
+                last_save = time.monotonic()
 
         self.curves.train_loss = losses[: self.step].cpu().tolist()
         if status == "diverged":
             return self._result(status, diverged_step, final={})
+        if checkpoint_path is not None:
+            # A kill during the final evaluations then repeats only them.
+            self.save(checkpoint_path)
 
-        # ---- final evaluations
-        self._record_eval()
+        # ---- final evaluations; a resumed run skips the one it already recorded
+        if not self.curves.val_step or self.curves.val_step[-1] != self.step:
+            self._record_eval()
         final = {"val_loss": self.curves.val_loss[-1], "val_bpb": self.curves.val_bpb[-1]}
         final.update(self._roundtrip_and_ptq())
         if not self.curves.probe_step:
@@ -306,23 +415,29 @@ class Trainer:
         return self._result(status, diverged_step, final)
 
     def _probe_due(self, step: int) -> bool:
+        # A run resumed from a checkpoint taken right after a probe skips it.
+        if self.curves.probe_step and self.curves.probe_step[-1] == step:
+            return False
         if step == self.warmdown_step:
             return True
         every = self.cell.probe_every
-        return every > 0 and step % every == 0 and (not self.curves.probe_step or self.curves.probe_step[-1] != step)
+        return every > 0 and step % every == 0
 
     def _record_eval(self) -> None:
         val_loss, val_bpb = self.evaluate()
-        self.curves.val_step.append(self.step)
-        self.curves.val_loss.append(val_loss)
-        self.curves.val_bpb.append(val_bpb)
+        with signals_deferred():
+            self.curves.val_step.append(self.step)
+            self.curves.val_loss.append(val_loss)
+            self.curves.val_bpb.append(val_bpb)
         log.info("step %d/%d | val_loss %.4f | val_bpb %.4f", self.step, self.cell.steps, val_loss, val_bpb)
 
     def _roundtrip_and_ptq(self) -> dict[str, float]:
         """Evaluate the exported integer weights, and post-training quantisation for fp16 cells."""
         out: dict[str, float] = {}
         bits = self.cell.bit_width
-        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # Set before any quantised weights are loaded and cleared only after the
+        # trained ones are back, so `state_dict` never returns quantised weights.
+        self._trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if bits is not None:
             state = export_quantized(self.model, bits)
             load_quantized(self.model, state)
@@ -335,8 +450,9 @@ class Trainer:
                 self.model.set_bits(ptq_bits)
                 out[f"ptq_val_bpb_int{ptq_bits}"] = self.evaluate()[1]
             self.model.set_bits(None)
-        self.model.load_state_dict(trained)
+        self.model.load_state_dict(self._trained)
         self.model.set_bits(bits)
+        self._trained = None
         return out
 
     def _result(self, status: str, diverged_step: int, final: dict[str, float]) -> TrainResult:
@@ -364,6 +480,7 @@ class Trainer:
             "tokens_per_s": tokens / self.elapsed_s if self.elapsed_s > 0 else nan,
             "diverged_step": float(diverged_step),
             "requeues": float(self.requeues),
+            "resumes": float(self.resumes),
             "train_loss_final": self.curves.train_loss[-1] if self.curves.train_loss else nan,
         }
         curves = {

@@ -21,15 +21,42 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Entry:
+    """One cell's submission: which job runs it, where it logs, and which attempt it is."""
+
     cell_id: str
-    job_id: str  # submitit's id: "<array job>_<index>" on SLURM, a pid locally
+    # submitit's id: "<array job>_<index>" for an array task on SLURM, "<job>"
+    # for a single-task SLURM job, the pid of the task's process locally.
+    job_id: str
     cluster: str
-    log_folder: str
+    log_folder: str  # submitit's folder, with "%j" standing for the job id
     submitted_at: float  # Unix time
     attempt: int  # 1 for the first submission of the cell, 2 for its first resubmission...
 
+    @property
+    def array_job_id(self) -> str:
+        """The SLURM job id without the array index ("123" for "123_4")."""
+        return self.job_id.split("_", 1)[0]
+
+    @property
+    def array_index(self) -> int | None:
+        """The array index (4 for "123_4"), or None for a job outside an array."""
+        _, _, index = self.job_id.partition("_")
+        return int(index) if index else None
+
+    def log_paths(self) -> tuple[Path, Path]:
+        """Return (stdout, stderr) of the task that runs this cell, in submitit's layout.
+
+        That is `<log_folder with %j = job id>/<job id>_0_log.out` (and `.err`);
+        for an array task the job id is "<array job>_<index>".
+        """
+        from submitit.core.utils import JobPaths
+
+        paths = JobPaths(self.log_folder, job_id=self.job_id, task_id=0)
+        return paths.stdout, paths.stderr
+
 
 def path_for(results_dir: Path) -> Path:
+    """Return the ledger of the phase whose results live in `results_dir`."""
     return results_dir / "ledger.jsonl"
 
 
@@ -77,6 +104,7 @@ def latest(entries: list[Entry]) -> dict[str, Entry]:
 def new_entries(
     cell_ids: list[str], job_id: str, cluster: str, log_folder: str, previous: dict[str, Entry]
 ) -> list[Entry]:
+    """Return entries for cells that `job_id` runs, each one attempt after its `previous` entry."""
     now = time.time()
     return [
         Entry(

@@ -4,6 +4,6 @@
 module here plus one entry in that tuple.
 """
 
-from pipeline.commands import analyze, collect, manifest, report, submit
+from pipeline.commands import analyze, collect, manifest, report, resubmit, status, submit
 
-COMMANDS = (manifest, submit, collect, analyze, report)
+COMMANDS = (manifest, submit, status, resubmit, collect, analyze, report)
