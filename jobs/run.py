@@ -31,6 +31,7 @@ class RunOptions:
     checkpoint_every_s: float = 600.0  # 10 min; a checkpoint of a 100M cell takes about a second
     keep_checkpoint: bool = False
     country: str = "USA"
+    micro_batch_tokens: int | None = None  # tokens per forward pass; None: see jobs.train.micro_batch_rows
 
 
 def setup_logging() -> None:
@@ -68,7 +69,7 @@ class CellTask:
         log.info("cell %s: %s", cell.cell_id, cell.to_row())
         remove_stale_temporaries(checkpoint_path)
 
-        trainer = Trainer(cell, cache_dir=workdir.cache())
+        trainer = Trainer(cell, cache_dir=workdir.cache(), micro_batch_tokens=self.options.micro_batch_tokens)
         trainer.resume(checkpoint_path)
         meter = EnergyMeter(self.options.country, carried=trainer.energy_state)
         meter.start()

@@ -35,6 +35,14 @@ log = logging.getLogger(__name__)
 
 PTQ_BITS = (8, 6, 4)
 
+# Tokens per forward pass on a GPU. The study's batches (up to 512 x 1024
+# tokens) would need hundreds of GB of activations in one pass at 100M-350M.
+# NOTE: an estimate of what fits on an 80-141 GB GPU at 350M, not measured here.
+GPU_MICRO_BATCH_TOKENS = 65536
+
+# A training loss above this multiple of ln(vocab_size) counts as divergence.
+DIVERGENCE_FACTOR = 4.0
+
 # Version of the checkpoint layout; a checkpoint of another version is not resumed.
 CHECKPOINT_FORMAT = 1
 
@@ -66,6 +74,20 @@ class Curves:
 
     def state(self) -> dict[str, list]:
         return dict(self.__dict__)
+
+
+def micro_batch_rows(cell: Cell, device: torch.device, micro_batch_tokens: int | None) -> int:
+    """Return the sequences per forward pass: the whole batch, or fewer to bound memory.
+
+    The cap in tokens comes from the argument, else $QAT_MICRO_BATCH_TOKENS,
+    else GPU_MICRO_BATCH_TOKENS on CUDA; on CPU the whole batch goes in one pass.
+    """
+    cap = micro_batch_tokens or int(os.environ.get("QAT_MICRO_BATCH_TOKENS", "0") or 0)
+    if not cap and device.type == "cuda":
+        cap = GPU_MICRO_BATCH_TOKENS
+    if not cap:
+        return cell.batch_size
+    return max(1, min(cell.batch_size, cap // cell.seq_len))
 
 
 def pick_device() -> torch.device:
@@ -148,9 +170,16 @@ def signals_deferred(signum: int = signal.SIGUSR2) -> Any:
 class Trainer:
     """The training state of one cell, which a checkpoint captures whole."""
 
-    def __init__(self, cell: Cell, cache_dir: Path, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        cell: Cell,
+        cache_dir: Path,
+        device: torch.device | None = None,
+        micro_batch_tokens: int | None = None,
+    ) -> None:
         self.cell = cell
         self.device = device or pick_device()
+        self.micro_batch = micro_batch_rows(cell, self.device, micro_batch_tokens)
         self.corpus = data_lib.load_corpus(cell.data, cache_dir)
         if self.corpus.vocab_size > cell.vocab_size:
             raise ValueError(
@@ -308,6 +337,22 @@ class Trainer:
         total = loss_sum.item()
         return total / token_count, total / math.log(2) / byte_count
 
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Accumulate gradients over micro-batches; return the batch's mean loss (detached)."""
+        rows = x.size(0)
+        if self.micro_batch >= rows:
+            with self.autocast():
+                loss = self.forward(x, y)
+            loss.backward()
+            return loss.detach()
+        total = torch.zeros((), device=self.device)
+        for xs, ys in zip(x.split(self.micro_batch), y.split(self.micro_batch)):
+            with self.autocast():
+                part = self.forward(xs, ys) * (xs.size(0) / rows)
+            part.backward()
+            total += part.detach()
+        return total
+
     def probe(self) -> None:
         distances = probe_model(self.model)
         # The four lists grow together, so a checkpoint never stores them uneven.
@@ -332,6 +377,10 @@ class Trainer:
         if self.curves.train_loss:
             losses[: len(self.curves.train_loss)] = torch.tensor(self.curves.train_loss)
         self._losses = losses
+        # A loss this far above a uniform prediction (ln V nats) means the run
+        # blew up even when it stayed finite: at LR 1e6 the loss jumps to ~1e7
+        # and then sits at ln V, which a NaN check alone would call done.
+        divergence_limit = DIVERGENCE_FACTOR * math.log(cell.vocab_size)
         last_save = time.monotonic()
         window_start, window_step = time.perf_counter(), self.step
         status = "done"
@@ -353,13 +402,11 @@ class Trainer:
             with signals_deferred():
                 started = time.perf_counter()
                 set_lr(self.optimizers, multiplier)
-                with self.autocast():
-                    loss = self.forward(x, y)
-                loss.backward()
+                loss = self._forward_backward(x, y)
                 for opt in self.optimizers:
                     opt.step()
                 self.model.zero_grad(set_to_none=True)
-                losses[step] = loss.detach()
+                losses[step] = loss
                 self.curves.lr.append(multiplier)
                 self.step = step + 1
                 self.elapsed_s += time.perf_counter() - started
@@ -378,8 +425,9 @@ class Trainer:
                 continue
             recent = losses[window_step : self.step].cpu()
             self.curves.train_loss = losses[: self.step].cpu().tolist()
-            if not torch.isfinite(recent).all():
-                bad = int(torch.nonzero(~torch.isfinite(recent))[0]) + window_step
+            blown_up = ~torch.isfinite(recent) | (recent > divergence_limit)
+            if blown_up.any():
+                bad = int(torch.nonzero(blown_up)[0]) + window_step
                 status, diverged_step = "diverged", bad
                 log.warning("cell %s diverged at step %d (loss %s)", cell.cell_id, bad, recent[bad - window_step].item())
                 break

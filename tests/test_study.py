@@ -558,3 +558,26 @@ def test_manifest_command_reproduces_committed(tmp_path):
     assert "625 cells in 7 block(s)" in result.stdout
     committed = (REPO / "manifests" / "5.csv").read_bytes()
     assert (tmp_path / "manifests" / "5.csv").read_bytes() == committed
+
+
+def test_submit_rejects_malformed_shard(data_root, tmp_path):
+    write_shard(data_root / "datasets" / DATASET / "fineweb_train_000001.bin", [1, 2, 3], magic=1234)
+    result = run_cli(
+        "submit", "--phase", "2", "--cluster", "local", "--workdir", str(tmp_path / "wd"),
+        env={data.DATA_ROOT_ENV: str(data_root)},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "magic number 1234" in lines[0]
+    assert not (tmp_path / "wd" / "results").exists()
+    assert not (tmp_path / "wd" / "logs").exists()
+
+
+def test_dry_run_warns_on_missing_data(tmp_path):
+    result = run_cli(
+        "submit", "--phase", "2", "--dry-run", "--workdir", str(tmp_path / "wd"),
+        env={data.DATA_ROOT_ENV: str(tmp_path / "no-such-root")},
+    )
+    assert result.returncode == 0
+    assert result.stderr.startswith("warning: ")

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jobs.run import CellTask, RunOptions
+from jobs.train import DIVERGENCE_FACTOR
 from jobs.schedule import lr_multiplier
 from pipeline.cell import Cell
 from pipeline.phases import expand_spec, load_phase
@@ -219,8 +220,10 @@ def test_huge_lr_recorded_as_diverged(workdir, tmp_path):
     assert result.status == "diverged"
     diverged_step = int(result.metrics["diverged_step"])
     assert 0 <= diverged_step < cell.steps
-    assert not np.isfinite(result.train_loss[diverged_step])
-    assert np.isfinite(result.train_loss[:diverged_step]).all()
+    limit = DIVERGENCE_FACTOR * math.log(cell.vocab_size)
+    blown_up = ~np.isfinite(result.train_loss) | (result.train_loss > limit)
+    assert blown_up[diverged_step]
+    assert not blown_up[:diverged_step].any()
     assert result.metrics["steps_done"] < cell.steps
     assert math.isnan(result.metrics["val_bpb"])
 
@@ -284,3 +287,31 @@ def test_phase5_block_trains_on_cpu(corpus_cache, tmp_path, block):
         assert list(result.probe_step) == list(range(cell.steps))
     else:
         assert len(result.probe_step) == 1
+
+
+def test_micro_batches_match_whole_batch(tmp_path):
+    import torch
+
+    from jobs.train import Trainer
+
+    cell = load_phase("micro").cells[0].replace(steps=3, warmup_steps=1)
+    whole = Trainer(cell, cache_dir=tmp_path, device=torch.device("cpu"))
+    split = Trainer(cell, cache_dir=tmp_path, device=torch.device("cpu"), micro_batch_tokens=4 * cell.seq_len)
+    assert split.micro_batch == 4
+    assert whole.micro_batch == cell.batch_size
+    x = torch.randint(0, 256, (cell.batch_size, cell.seq_len))
+    y = torch.randint(0, 256, (cell.batch_size, cell.seq_len))
+    loss_whole = whole._forward_backward(x, y)
+    loss_split = split._forward_backward(x, y)
+    assert loss_split.item() == pytest.approx(loss_whole.item(), rel=1e-5)
+    for a, b in zip(whole.model.parameters(), split.model.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_finite_blowup_counts_as_diverged(tmp_path):
+    from jobs.train import Trainer
+
+    cell = load_phase("micro").cells[0].replace(steps=8, warmup_steps=1, matrix_lr=1e6, adam_lr=1e6)
+    result = Trainer(cell, cache_dir=tmp_path).run(log_every=1)
+    assert result.status == "diverged"
+    assert 0 <= result.metrics["diverged_step"] < 8

@@ -13,7 +13,13 @@ import time
 
 from pipeline.commands import common
 from pipeline.commands.status import load_cells
-from pipeline.commands.submit import add_dispatch_options, check_dispatch_options, dispatch, print_dry_run
+from pipeline.commands.submit import (
+    add_dispatch_options,
+    check_dispatch_options,
+    check_phase_data,
+    dispatch,
+    print_dry_run,
+)
 
 HELP = "submit the failed, timed-out and never-submitted cells of a phase again"
 DESCRIPTION = (
@@ -43,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     profile = check_dispatch_options(args)
     workdir = Workdir.open(args.workdir, create=False)
     cells = load_cells(workdir, args.phase)
+    check_phase_data(cells)
     current = status.phase_status(workdir, args.phase, cells)
     selected_states = [status.FAILED, status.TIMED_OUT, status.NEVER_SUBMITTED]
     if args.include_diverged:

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     phase = common.load_phase(args)
     profile = check_dispatch_options(args)
+    check_phase_data(phase.cells, warn_only=args.dry_run)
     workdir = Workdir.open(args.workdir, create=not args.dry_run)
     todo = submit.unfinished(workdir, phase.cells)
     busy = live_cells(workdir, phase.name, todo)
@@ -105,6 +106,23 @@ def check_dispatch_options(args: argparse.Namespace):
     if args.country is not None and not (len(args.country) == 3 and args.country.isalpha() and args.country.isupper()):
         raise UsageError(f"invalid --country {args.country!r}; expected an ISO 3166 alpha-3 code such as USA or DEU")
     return load_profile(args.profile) if args.profile else None
+
+
+def check_phase_data(cells, warn_only: bool = False) -> None:
+    """Check each data source of the cells on this node, so a bad shard fails before anything is queued.
+
+    With `warn_only` (a dry run, which queues nothing) a problem is printed
+    as a warning line instead, so a plan can be read before the data exists.
+    """
+    from jobs.data import DataError, check_data
+
+    for data, vocab_size in sorted({(cell.data, cell.vocab_size) for cell in cells}):
+        try:
+            check_data(data, vocab_size=vocab_size)
+        except DataError as err:
+            if not warn_only:
+                raise UsageError(str(err)) from None
+            print(f"warning: {err}", file=sys.stderr)
 
 
 def live_cells(workdir, phase: str, cells) -> set[str]:
