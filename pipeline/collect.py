@@ -283,6 +283,8 @@ def collect_phase(workdir: Workdir, phase: str, jobs: int = 1) -> PhaseCollected
     for name, reason in sorted(bad.items()):
         _quarantine(folder / name, on_disk[name], reason, quarantine_dir(workdir, phase), outcome)
 
+    add_slurm_energy(workdir, phase, [accepted[name]["row"] for name in sorted(read_names) if name in accepted])
+
     outcome.new = sum(1 for name in read_names if name in accepted and name not in previous)
     outcome.updated = sum(1 for name in read_names if name in accepted and name in previous)
     outcome.removed = sum(1 for name in previous if name not in on_disk)
@@ -308,6 +310,28 @@ def collect_phase(workdir: Workdir, phase: str, jobs: int = 1) -> PhaseCollected
         len(outcome.quarantined), "rewritten" if outcome.table_written else "unchanged",
     )
     return outcome
+
+
+def add_slurm_energy(workdir: Workdir, phase: str, rows: list[dict[str, Any]]) -> None:
+    """Set `energy_kwh_slurm` of newly read rows from SLURM accounting (one sacct call).
+
+    NaN means SLURM recorded no energy for the cell (0 or empty in sacct, a
+    cell not run on SLURM, or a job that also ran other cells).
+    """
+    from pipeline import ledger, slurm_energy
+
+    if not rows:
+        return
+    cell_ids = {row["cell_id"] for row in rows}
+    entries = [
+        entry
+        for entry in ledger.read(ledger.path_for(workdir.results(phase)))
+        if entry.cell_id in cell_ids
+    ]
+    energy = slurm_energy.cell_energy_kwh(entries) if any(e.cluster == "slurm" for e in entries) else {}
+    for row in rows:
+        value = energy.get(row["cell_id"])
+        row["energy_kwh_slurm"] = float("nan") if value is None else float(value)
 
 
 def render_table(rows: list[dict[str, Any]]) -> bytes:

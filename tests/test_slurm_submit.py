@@ -3,6 +3,7 @@
 import math
 
 import h5py
+import pandas as pd
 import pytest
 
 from tests.helpers import run_cli, tiny_phase
@@ -27,6 +28,16 @@ def test_submit_wait_on_slurm(slurm_cluster, tmp_workdir):
             assert f["env"].attrs["slurm_array_task_id"] != ""
     assert len(array_ids) == 1
     assert "" not in array_ids
+
+    collected = run_cli("collect", "--phase", "skeleton", "--workdir", str(workdir))
+    assert collected.returncode == 0, collected.stderr
+    table = pd.read_parquet(workdir / "results" / "skeleton.parquet")
+    assert len(table) == 6
+    assert table["val_bpb"].notna().all()
+    # The test cluster has no energy plugin: sacct reports 0, which means "not recorded".
+    assert "energy_kwh_slurm" in table.columns
+    assert table["energy_kwh_slurm"].isna().all()
+    assert (table["energy_source"] != "").all()
 
     again = run_cli("submit", "--phase-file", str(spec), "--cluster", "slurm", "--workdir", str(workdir))
     assert again.returncode == 0

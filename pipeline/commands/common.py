@@ -26,7 +26,7 @@ def add_phases(parser: argparse.ArgumentParser) -> None:
     """Add --phase NAMES, a comma-separated list of phases."""
     parser.add_argument(
         "--phase", required=True, metavar="NAMES",
-        help="phase name, or several separated by commas (e.g. 2,5)",
+        help="phase name, several separated by commas (e.g. 2,5), or all",
     )
 
 
@@ -79,8 +79,18 @@ def load_tables(args: argparse.Namespace):
     from pipeline.workdir import Workdir
 
     workdir = Workdir.open(args.workdir, create=False)
+    names = phase_names(args.phase)
+    if names == ["all"]:
+        from pipeline.collect import discover_phases
+
+        names = [name for name in discover_phases(workdir) if workdir.table(name).is_file()]
+        if not names:
+            raise UsageError(
+                f"--phase all found no collected table under {str(workdir.root)!r}; "
+                "run `python -m pipeline collect --phase all` first"
+            )
     tables, manifests = [], []
-    for name in phase_names(args.phase):
+    for name in names:
         path = workdir.table(name)
         if not path.is_file():
             raise UsageError(
