@@ -378,7 +378,7 @@ class Trainer:
             losses[: len(self.curves.train_loss)] = torch.tensor(self.curves.train_loss)
         self._losses = losses
         # A loss this far above a uniform prediction (ln V nats) means the run
-        # blew up even when it stayed finite: at LR 1e6 the loss jumps to ~1e7
+        # blew up even when it stayed finite. At LR 1e6 the loss jumps to ~1e7
         # and then sits at ln V, which a NaN check alone would call done.
         divergence_limit = DIVERGENCE_FACTOR * math.log(cell.vocab_size)
         last_save = time.monotonic()
