@@ -79,7 +79,7 @@ def _fmt_range(values, digits: int = 2) -> str:
     high = f"{float(values.max()):.{digits}f}"
     if low == high:
         return low
-    return f"{low}-{high}"
+    return f"{low} to {high}"
 
 
 def _fmt_interval(low: float, high: float, digits: int = 4) -> str:

@@ -86,7 +86,16 @@ class Submission:
 
 
 class SbatchError(RuntimeError):
-    """`sbatch` rejected an array, after any retries."""
+    """`sbatch` rejected an array, after any retries.
+
+    `message` is sbatch's own error text; `permanent` is True when a retry
+    cannot fix it (an invalid partition or account, say).
+    """
+
+    def __init__(self, text: str, message: str = "", permanent: bool = False) -> None:
+        super().__init__(text)
+        self.message = message or text
+        self.permanent = permanent
 
 
 def resolve_cluster(cluster: str) -> str:
@@ -302,6 +311,7 @@ def submit(
 
     if "\n" in str(log_folder):
         raise UsageError(f"--workdir {str(workdir.root)!r} contains a line break; use a path without one")
+    started = time.time()
     array_limit, source = max_array_size()
     submission.chunks = plan(cells, cells_per_task or 1, profile, array_limit)
     log.info("MaxArraySize %d (%s): %d array(s)", array_limit, source, len(submission.chunks))
@@ -313,6 +323,11 @@ def submit(
         try:
             jobs = call_sbatch(lambda: executor.map_array(function, chunk.tasks), description, retry)
         except SbatchError as err:
+            if number == 1 and err.permanent:
+                # Nothing was queued and a retry cannot help (an invalid partition,
+                # say): bad input, reported as one line with nothing left behind.
+                _remove_unsubmitted_files(workdir.logs(phase), started)
+                raise UsageError(f"sbatch rejected the submission of phase {phase!r}: {err.message}") from None
             skipped = sum(c.cell_count for c in submission.chunks[number - 1 :])
             submission.errors.append(f"{description} was not submitted: {err}; {skipped} cell(s) left unsubmitted")
             log.error("%s was not submitted: %s", description, err)
@@ -323,6 +338,17 @@ def submit(
         if max_parallel and len(submission.chunks) > 1:
             dependency = f"afterany:{str(jobs[0].job_id).split('_', 1)[0]}"
     return submission
+
+
+def _remove_unsubmitted_files(folder: Path, since: float) -> None:
+    """Remove the pickles and script submitit wrote for a submission that sbatch rejected."""
+    for pattern in ("*.pkl", ".submission_file_*.sh"):
+        for path in folder.glob(pattern):
+            try:
+                if path.stat().st_mtime >= since - 1:
+                    path.unlink()
+            except OSError as err:
+                log.warning("could not remove %s: %s", path, err)
 
 
 def call_sbatch(submit_once: Callable[[], Any], description: str, retry: Retry = Retry()) -> Any:
@@ -342,9 +368,9 @@ def call_sbatch(submit_once: Callable[[], Any], description: str, retry: Retry =
             except submitit.core.utils.FailedJobError as err:
                 message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())[:500]
         if any(word in message.lower() for word in PERMANENT_SBATCH_ERRORS):
-            raise SbatchError(f"sbatch rejected it: {message}")
+            raise SbatchError(f"sbatch rejected it: {message}", message=message, permanent=True)
         if attempt == retry.attempts:
-            raise SbatchError(f"sbatch failed {retry.attempts} times, last with: {message}")
+            raise SbatchError(f"sbatch failed {retry.attempts} times, last with: {message}", message=message)
         delay = retry.backoff_s * 2 ** (attempt - 1)
         log.warning(
             "sbatch failed for %s (%s); retry %d of %d in %.0f s",

@@ -67,3 +67,24 @@ def test_dry_run_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "4 to submit" in result.stdout
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("margin", ["0", "-1", "nan", "inf", "abc"])
+def test_bad_margin_one_line(tmp_path, margin):
+    result = run_cli("analyze", "--phase", "micro", "--margin", margin, "--workdir", str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "--margin" in lines[0]
+
+
+def test_dry_run_into_closed_pipe(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    command = f"{sys.executable} -m pipeline submit --phase 2 --dry-run --workdir {tmp_path} | head -1"
+    result = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr
+    assert "BrokenPipeError" not in result.stderr

@@ -42,3 +42,21 @@ def test_submit_wait_on_slurm(slurm_cluster, tmp_workdir):
     again = run_cli("submit", "--phase-file", str(spec), "--cluster", "slurm", "--workdir", str(workdir))
     assert again.returncode == 0
     assert "submitted 0 cells" in again.stdout
+
+
+def test_invalid_partition_one_line(slurm_cluster, tmp_workdir):
+    spec = tiny_phase(tmp_workdir / "badpart.toml", steps=4, bits=("fp16",), warmdown=(0.1,))
+    profile = tmp_workdir / "profile.toml"
+    profile.write_text('partition = "nosuchpartition"\n[time_minutes]\ndefault = 5\n')
+    workdir = tmp_workdir / "wd"
+    result = run_cli(
+        "submit", "--phase-file", str(spec), "--cluster", "slurm", "--profile", str(profile),
+        "--workdir", str(workdir),
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "nosuchpartition" in lines[0] or "partition" in lines[0]
+    assert not (workdir / "results" / "badpart" / "ledger.jsonl").exists()
+    leftovers = list((workdir / "logs" / "badpart").glob("*.pkl")) if (workdir / "logs" / "badpart").exists() else []
+    assert leftovers == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from pipeline.errors import UsageError
@@ -110,6 +111,17 @@ def load_tables(args: argparse.Namespace):
 
 def add_margin(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--margin", type=float, default=0.005, metavar="BPB",
-        help="TOST equivalence margin in bits per byte (default: 0.005)",
+        "--margin", type=margin_value, default=0.005, metavar="BPB",
+        help="TOST equivalence margin in bits per byte, above 0 (default: 0.005)",
     )
+
+
+def margin_value(text: str) -> float:
+    """Parse --margin: a finite number of bits per byte above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid --margin {text!r}; expected a number of bits per byte such as 0.005") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid --margin {text!r}; expected a positive number of bits per byte such as 0.005")
+    return value
