@@ -390,11 +390,13 @@ def test_sbatch_permanent_error_not_retried(tmp_path, fake_slurm):
     cells = tiny_cells(tmp_path)
     workdir = Workdir.open(tmp_path / "wd")
 
-    submission = submit.submit(workdir, cells, "slurm", options_for(workdir.root), retry=Retry(3, 0.01))
+    with pytest.raises(UsageError) as err:
+        submit.submit(workdir, cells, "slurm", options_for(workdir.root), retry=Retry(3, 0.01))
 
     assert len(fake_slurm.calls("sbatch")) == 1
-    assert "sbatch rejected it: sbatch: error: invalid partition specified: nope" in submission.errors[0]
+    assert "invalid partition specified: nope" in str(err.value)
     assert ledger.read(ledger.path_for(workdir.results("ops"))) == []
+    assert list(workdir.logs("ops").glob("*.pkl")) == []
 
 
 def test_failed_second_array_keeps_first_in_ledger(tmp_path, fake_slurm):
