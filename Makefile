@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) -m pipeline manifest --phase micro --workdir $(WORKDIR)
-	$(PY) -m pipeline submit --phase micro --workdir $(WORKDIR) --wait
+	$(PY) -m pipeline submit --phase micro --workdir $(WORKDIR) --wait --cells-per-task 3
 	$(PY) -m pipeline collect --phase micro --workdir $(WORKDIR)
 	$(PY) -m pipeline analyze --phase micro --workdir $(WORKDIR)
 	$(PY) -m pipeline report --phase micro --workdir $(WORKDIR)

@@ -300,7 +300,10 @@ def submit(
 
     if cluster != "slurm":
         cpus = os.cpu_count() or 1
-        tasks = pack(cells, cells_per_task or -(-len(cells) // cpus))
+        # submitit's local executor starts every task at once, so there are
+        # never more tasks than CPUs, whatever --cells-per-task asks.
+        per_cpu = -(-len(cells) // cpus)
+        tasks = pack(cells, max(cells_per_task or per_cpu, per_cpu))
         if cluster == "local":
             # Each local task gets an equal share of the CPUs instead of all of them.
             os.environ["QAT_CPUS_PER_TASK"] = str(max(1, cpus // len(tasks)))
