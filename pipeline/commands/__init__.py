@@ -5,5 +5,6 @@ module here plus one entry in that tuple.
 """
 
 from pipeline.commands import analyze, collect, manifest, report, resubmit, status, submit
+from pipeline.commands import bench
 
-COMMANDS = (manifest, submit, status, resubmit, collect, analyze, report)
+COMMANDS = (manifest, submit, status, resubmit, collect, analyze, report, bench)
