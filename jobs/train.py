@@ -210,7 +210,8 @@ class Trainer:
                 self.forward = torch.compile(self.model)
             except Exception as err:  # compile support varies by platform; eager still trains
                 log.warning("torch.compile failed (%s); training in eager mode", err)
-        # bf16 autocast on GPUs that support it; fp32 on CPU, where bf16 matmuls are slow.
+        # bf16 autocast on GPUs that support it; eager fp32 on CPU, where bf16
+        # speed depends on the processor and small CPU runs serve as references.
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             self.autocast: Callable[[], Any] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
         else:
