@@ -1,6 +1,6 @@
 """The function submitit runs on a compute node: train a list of cells in turn.
 
-A task holds one or more cells (several when small cells are packed into one
+A task contains one or more cells (several when small cells are packed into one
 array task). Finished cells are skipped, so a requeued or resubmitted task
 picks up where it stopped, and an unfinished cell resumes from its checkpoint.
 """

@@ -14,7 +14,7 @@ A cell is in exactly one state:
 Result files decide first, then a live job (a quarantined cell that was
 resubmitted and runs again counts as running), then quarantine, then the
 job's final state. SLURM states come from one `sacct` call for every job of
-the ledger. When accounting does not answer, `squeue` tells running and
+the ledger. When accounting does not respond, `squeue` tells running and
 pending tasks apart from finished ones; a finished task without a result then
 counts as failed, because only accounting knows a time-out.
 """

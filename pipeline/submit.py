@@ -105,7 +105,7 @@ def resolve_cluster(cluster: str) -> str:
         if shutil.which("sbatch") and slurm_answers():
             return "slurm"
         if shutil.which("sbatch"):
-            log.warning("sbatch is on PATH but the SLURM controller does not answer; running locally")
+            log.warning("sbatch is on PATH but the SLURM controller does not respond to sinfo; running locally (use --cluster slurm to insist)")
         return "local"
     if cluster == "slurm" and not shutil.which("sbatch"):
         raise UsageError("--cluster slurm needs `sbatch` on PATH; run on a SLURM login node or use --cluster local")
@@ -113,7 +113,7 @@ def resolve_cluster(cluster: str) -> str:
 
 
 def slurm_answers(timeout_s: float = 15.0) -> bool:
-    """Return whether a SLURM controller answers `sinfo` within `timeout_s`."""
+    """Return whether `sinfo` succeeds within `timeout_s`, that is, whether a SLURM controller responds."""
     try:
         result = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=timeout_s)
     except (OSError, subprocess.TimeoutExpired):
@@ -301,7 +301,7 @@ def submit(
     if cluster != "slurm":
         cpus = os.cpu_count() or 1
         # submitit's local executor starts every task at once, so there are
-        # never more tasks than CPUs, whatever --cells-per-task asks.
+        # never more tasks than CPUs, whatever --cells-per-task requests.
         per_cpu = -(-len(cells) // cpus)
         tasks = pack(cells, max(cells_per_task or per_cpu, per_cpu))
         if cluster == "local":

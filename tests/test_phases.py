@@ -82,7 +82,8 @@ def test_duplicate_cell_across_blocks_rejected():
     grid = {"bits": ["fp16"], "warmdown": [0.1], "size": ["tiny1"], "seed": [0]}
     with pytest.raises(UsageError) as err:
         expand_spec("t", spec({"name": "a", "factors": grid}, {"name": "b", "factors": grid}))
-    assert "'b'" in str(err.value) and "'a'" in str(err.value)
+    assert "'b'" in str(err.value)
+    assert "'a'" in str(err.value)
 
 
 def test_unknown_setting_rejected():
